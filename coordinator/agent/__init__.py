@@ -1,0 +1,1 @@
+"""One agent process: claim the most urgent task it can serve, run the pipeline, complete."""

@@ -1,0 +1,1 @@
+"""Model backends: one interface, one module per provider, found through entry points."""

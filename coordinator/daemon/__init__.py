@@ -1,0 +1,1 @@
+"""The daemon: intake of task files, supervision of agent processes, reclaim, readiness."""

@@ -1,0 +1,2 @@
+"""The five stages every claimed task passes through: retrieve, assemble, infer, post-process,
+stream."""
