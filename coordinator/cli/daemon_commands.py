@@ -124,7 +124,7 @@ def demo(directory: Path | None, examples: Path, extra: int, token_delay_ms: flo
     (home / "agents").mkdir()
     (home / "agents" / "echo.toml").write_text(DEMO_SPEC.format(delay=token_delay_ms))
     total = _demo_tasks(home, examples, extra)
-    click.echo(f"demo home: {home} ({total} task files, 1 of them deliberately broken)")
+    click.echo(f"demo home: {home} ({total} tasks, plus 1 deliberately broken file)")
     log_path = home / "daemon.log"
     started = time.monotonic()
     with open(log_path, "wb") as log_file:
@@ -160,5 +160,5 @@ def demo(directory: Path | None, examples: Path, extra: int, token_delay_ms: flo
     click.echo(f"try: coordinator --home {home} show demo-000")
     if not keep:
         click.echo(f"(the demo directory {home} is kept for you to look at; delete it when done)")
-    ok = proc.returncode == 0 and c["done"] == total - 1 and c["failed"] == 0
+    ok = proc.returncode == 0 and c["done"] == total and c["failed"] == 0 and c["rejected"] == 1
     sys.exit(0 if ok else 1)
