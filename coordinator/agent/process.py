@@ -73,6 +73,7 @@ class Agent:
         self.stopping = asyncio.Event()
         self._done: list[tuple[ClaimName, dict[str, Any], TaskContext]] = []
         self._commit_wakeup = asyncio.Event()
+        self._closing = False
         self.lease: AgentLease | None = None
         self.recorder = Recorder(settings.db_file)
 
@@ -101,9 +102,9 @@ class Agent:
             self.spec.concurrency,
             extra={"agent": self.agent_id},
         )
+        committer = asyncio.create_task(self._commit_loop())
         helpers = [
             asyncio.create_task(self._heartbeat_loop()),
-            asyncio.create_task(self._commit_loop()),
             asyncio.create_task(self.recorder.flush_loop()),
         ]
         if self.reap:
@@ -118,7 +119,11 @@ class Agent:
             for helper in helpers:
                 with contextlib.suppress(asyncio.CancelledError):
                     await helper
-            await self._commit_pending()
+            # The committer is never cancelled: a batch in flight runs in a thread that a
+            # cancellation could not stop, so we let it finish and drain what is left.
+            self._closing = True
+            self._commit_wakeup.set()
+            await committer
             await backend.aclose()
             self.recorder.agent(self.agent_id, self.spec.name, os.getpid(), "stopped")
             self.recorder.flush()
@@ -288,6 +293,8 @@ class Agent:
             await self._commit_wakeup.wait()
             self._commit_wakeup.clear()
             await self._commit_pending()
+            if self._closing and not self._done:
+                return
 
     async def _commit_pending(self) -> None:
         """Commit every finished attempt in one group commit (results flushed once)."""

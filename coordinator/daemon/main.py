@@ -117,7 +117,9 @@ class Daemon:
                  self.settings.shutdown_grace)
         sdnotify.stopping()
         intake.close()
-        await supervisor.stop(self.settings.shutdown_grace)
+        # Agents get shutdown_grace to finish, then stop their children (up to their kill
+        # grace) and give back what is left; only after that margin are they killed.
+        await supervisor.stop(self.settings.shutdown_grace + self.settings.kill_grace + 10.0)
         log.debug("agents stopped; cancelling the daemon's loops")
         for task in tasks:
             task.cancel()

@@ -22,6 +22,7 @@ from typing import Any
 
 from coordinator.agent.process import new_agent_id
 from coordinator.config import Settings
+from coordinator.daemon import sdnotify
 from coordinator.models import AgentSpec
 from coordinator.proc import set_parent_death_signal
 
@@ -99,10 +100,13 @@ class Supervisor:
             "--supervisor-pid", str(os.getpid()),
         ]
         slot.state = SlotState.STARTING
+        # systemd's notify socket is the daemon's alone (NotifyAccess=main).
+        env = {k: v for k, v in os.environ.items() if k not in sdnotify.NOTIFY_VARIABLES}
         try:
             slot.proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
+                env=env,
                 start_new_session=True,  # its own group, so a stalled agent is killed whole
                 preexec_fn=_preexec,
             )

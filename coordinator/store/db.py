@@ -295,4 +295,3 @@ class Store:
             (name_or_id, name_or_id, name_or_id),
         )
         return rows[0] if rows else None
-

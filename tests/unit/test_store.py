@@ -538,9 +538,7 @@ def test_rebuild_counts_a_claim_whose_start_is_not_logged_yet(
     rebuild(store, spool)
     task = store.get_task("fresh")
     assert task is not None and (task["state"], task["attempts"]) == ("claimed", 1)
-    assert [(a["agent"], a["outcome"]) for a in store.attempts_for("fresh")] == [
-        ("w9", "running")
-    ]
+    assert [(a["agent"], a["outcome"]) for a in store.attempts_for("fresh")] == [("w9", "running")]
 
 
 def test_rebuild_of_an_empty_spool_empties_the_record(store: Store, spool: FileSpool) -> None:
