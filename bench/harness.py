@@ -60,10 +60,12 @@ def _git_state() -> dict[str, Any]:
     def git(*args: str) -> str:
         out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
                              check=False)
-        return out.stdout.strip()
+        return out.stdout
 
-    dirty = [line[3:] for line in git("status", "--porcelain").splitlines() if line]
-    return {"commit": git("rev-parse", "--short", "HEAD") or "?", "dirty": dirty}
+    # Only changes to the product count: bench/ and tests/ do not change what is measured.
+    dirty = [line[3:] for line in git("status", "--porcelain", "--", "coordinator",
+                                      "pyproject.toml").splitlines() if line]
+    return {"commit": git("rev-parse", "--short", "HEAD").strip() or "?", "dirty": dirty}
 
 
 def child_env() -> dict[str, str]:
@@ -205,6 +207,11 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
         "max": ordered[-1],
         "mean": statistics.fmean(ordered),
     }
+
+
+def in_ms(seconds: Sequence[float]) -> dict[str, float]:
+    """:func:`percentiles` of durations given in seconds, reported in milliseconds."""
+    return {k: v if k == "n" else v * 1000.0 for k, v in percentiles(seconds).items()}
 
 
 def median_by(runs: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:

@@ -81,7 +81,9 @@ def _coerce_env(values: Mapping[str, str]) -> dict[str, Any]:
 def _resolve_relative(data: dict[str, Any], base: Path) -> dict[str, Any]:
     for key in ("tasks_dir", "spool_dir", "agents_dir", "db_path"):
         value = data.get(key)
-        if value is not None and not Path(value).is_absolute():
+        # Only strings are paths here; any other type (``tasks_dir = 5``) is left for pydantic,
+        # whose ConfigError names the key, instead of escaping as a bare TypeError from Path().
+        if isinstance(value, str) and not Path(value).is_absolute():
             data[key] = base / value
     return data
 
@@ -114,7 +116,9 @@ def load_settings(
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
         file_values.pop("home", None)
-        file_values = _resolve_relative(file_values, path.parent)
+        # absolute(): with a relative --config the paths would otherwise stay relative to this
+        # process's working directory, and mean something else to an agent started elsewhere.
+        file_values = _resolve_relative(file_values, path.absolute().parent)
     elif config_file is not None:
         raise ConfigError(f"config file {config_file} does not exist")
     data: dict[str, Any] = {**file_values, **_resolve_relative(env_values, home)}

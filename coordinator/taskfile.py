@@ -51,6 +51,11 @@ def sha256(data: bytes) -> str:
 
 
 def _decode(data: bytes) -> str:
+    # Windows editors save "Unicode" as UTF-16; say so rather than "binary data: NUL byte".
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise TaskFileError(
+            "the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8."
+        )
     nul = data.find(b"\x00")
     if nul >= 0:
         raise TaskFileError(
@@ -72,22 +77,92 @@ def _parse_toml(text: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise TaskFileError(f"TOML syntax error: {exc}. Fix the syntax and drop it again.") from exc
+    # tomllib lets two other errors out, and either would escape to the daemon's intake loop
+    # and abort every pass there while the file stays in tasks.d: an integer of more than 4300
+    # digits (ValueError from int()) and arrays or tables nested past the recursion limit.
+    except ValueError as exc:
+        raise TaskFileError(_value_error("TOML", exc)) from exc
+    except RecursionError as exc:
+        raise TaskFileError(_too_deep()) from exc
+
+
+def _value_error(fmt: str, exc: ValueError) -> str:
+    # The interpreter's text ends in advice for programmers ("use sys.set_int_max_str_digits()");
+    # keep only the part that says what is wrong with the file.
+    detail = str(exc).split(";")[0]
+    return f"{fmt} value error: {detail}. Write a huge number as a string, or drop the value."
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads silently keeps the last of two equal keys; TOML calls that an error, and a
+    # task whose "prompt" appears twice is ambiguous, so JSON says so too.
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise TaskFileError(
+                f"duplicate key {key!r} in a JSON object; keep one of them and drop it again."
+            )
+        seen[key] = value
+    return seen
+
+
+JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number",
+              bool: "a boolean", type(None): "null"}
 
 
 def _parse_json(text: str) -> dict[str, Any]:
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as exc:
         raise TaskFileError(
             f"JSON syntax error at line {exc.lineno} column {exc.colno}: {exc.msg}. "
             "Fix the syntax and drop it again."
         ) from exc
+    # As for TOML: an integer of more than 4300 digits, or nesting past the recursion limit,
+    # must not escape as a foreign exception (it would wedge the intake loop).
+    except ValueError as exc:
+        raise TaskFileError(_value_error("JSON", exc)) from exc
+    except RecursionError as exc:
+        raise TaskFileError(_too_deep()) from exc
     if not isinstance(value, dict):
+        kind = JSON_TYPES.get(type(value), type(value).__name__)
         raise TaskFileError(
-            f"the JSON document is a {type(value).__name__}, not an object; "
-            'write {"prompt": "..."}.'
+            f'the JSON document is {kind}, not an object; write {{"prompt": "..."}}.'
         )
     return value
+
+
+# Deeper values than this are refused: pydantic reads JSON only ~200 levels deep and writes
+# it ~500 deep, so a deeper ``options`` value would make the spool fail to write the task's
+# envelope (aborting the whole intake batch) or, below that, write one nobody can read back.
+MAX_NESTING = 32
+
+
+def _too_deep() -> str:
+    return (f"values are nested too deeply (the limit is {MAX_NESTING} levels of arrays and "
+            "tables); flatten them.")
+
+
+def _check_values(document: dict[str, Any]) -> None:
+    """Refuse what parses but cannot be stored: deep nesting, lone surrogates (JSON ``\\ud800``)."""
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > MAX_NESTING:
+                raise TaskFileError(_too_deep())
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                stack.append((key, depth))
+                stack.append((item, depth + 1))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise TaskFileError(
+                    f"a string holds an unpaired surrogate escape ({value[exc.start]!r}); "
+                    "write the character itself or a valid surrogate pair."
+                ) from exc
 
 
 def _parse_markdown(text: str) -> dict[str, Any]:
@@ -102,7 +177,8 @@ def _parse_markdown(text: str) -> dict[str, Any]:
                     "a Markdown task takes its prompt from the body; remove 'prompt' from the "
                     "front matter."
                 )
-            front["prompt"] = "".join(lines[index + 1 :]).strip("\n")
+            # "\r" too: a file saved with CRLF line ends must not leave one on the prompt.
+            front["prompt"] = "".join(lines[index + 1 :]).strip("\r\n")
             return front
     raise TaskFileError(
         "the +++ front matter block is not closed; add a line with only +++ after it."
@@ -147,6 +223,7 @@ def parse_task(filename: str, data: bytes, max_prompt_chars: int = 500_000) -> T
         raw = _parse_json(text)
     else:
         raw = _parse_markdown(text)
+    _check_values(raw)
     if "id" not in raw:
         if not is_valid_name(stem):
             raise TaskFileError(

@@ -21,6 +21,7 @@ from coordinator.spool.layout import SpoolLayout
 from coordinator.spool.leases import list_agent_ids, probe_agent
 from coordinator.states import TaskState
 from coordinator.store import Store
+from coordinator.store.rebuild import rejected_name
 from coordinator.taskfile import is_ignored, split_name
 
 
@@ -137,8 +138,7 @@ def find_rejected_file(layout: SpoolLayout, task_id: str) -> tuple[str, str] | N
     for name in sorted(os.listdir(layout.rejected)):
         if name.endswith(".reason"):
             continue
-        parts = name.split("-", 2)
-        original = parts[2] if len(parts) == 3 else name
+        original = rejected_name(name)
         if original == task_id or split_name(original)[0] == task_id:
             try:
                 reason = (layout.rejected / f"{name}.reason").read_text("utf-8").strip()

@@ -80,29 +80,53 @@ class CommandBackend(ModelBackend):
         if request.on_child:
             request.on_child(child, True)
         stderr_task = asyncio.ensure_future(_read_all(proc.stderr))
+        # asyncio's Process.wait() (and EOF on stdout) only comes once every copy of the pipes is
+        # closed, and a grandchild that inherited stdout or stderr keeps them open after the
+        # child has exited: the stream would hang until the timeout, or forever. So what is left
+        # of the group is killed as soon as the child itself exits (the contract says so anyway).
+        stragglers = asyncio.ensure_future(_kill_group_after_exit(proc, opts.kill_grace))
+        feeder: asyncio.Future[None] | None = None
+        # One deadline for the whole run, applied to each wait on the child separately: a timeout
+        # scope must not span a ``yield``, or it fires in the consumer's code while this generator
+        # is suspended and escapes as a bare CancelledError instead of BackendTimeout.
+        loop = asyncio.get_running_loop()
+        deadline = None if opts.timeout is None else loop.time() + opts.timeout
         try:
             if use_stdin:
+                # Fed alongside the reads, not before them: a child that writes a lot before it
+                # reads its prompt would otherwise deadlock with us on two full pipes, and one
+                # that never reads stdin would block us past the timeout.
                 assert proc.stdin is not None
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    proc.stdin.write(request.prompt.encode("utf-8"))
-                    await proc.stdin.drain()
-                proc.stdin.close()
-            async with asyncio.timeout(opts.timeout):
-                assert proc.stdout is not None
-                decoder = _Utf8Stream()
-                while chunk := await proc.stdout.read(4096):
-                    text = decoder.feed(chunk)
-                    if text:
-                        yield Chunk(text=text)
-                tail = decoder.feed(b"", final=True)
-                if tail:
-                    yield Chunk(text=tail)
+                feeder = asyncio.ensure_future(_feed(proc.stdin, request.prompt.encode("utf-8")))
+            assert proc.stdout is not None
+            decoder = _Utf8Stream()
+            while True:
+                if deadline is not None and loop.time() >= deadline:
+                    # Data already buffered is returned without waiting, so timeout_at alone
+                    # would never fire for a child that keeps writing to a slow consumer.
+                    raise TimeoutError
+                async with asyncio.timeout_at(deadline):
+                    chunk = await proc.stdout.read(4096)
+                if not chunk:
+                    break
+                text = decoder.feed(chunk)
+                if text:
+                    yield Chunk(text=text)
+            tail = decoder.feed(b"", final=True)
+            if tail:
+                yield Chunk(text=tail)
+            async with asyncio.timeout_at(deadline):
                 returncode = await proc.wait()
         except TimeoutError as exc:
             raise BackendTimeout(
                 f"command {argv[0]!r} ran past its timeout of {opts.timeout}s and was killed"
             ) from exc
         finally:
+            for helper in (feeder, stragglers):
+                if helper is not None:
+                    helper.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await helper
             await _kill_group(proc, opts.kill_grace)
             if request.on_child:
                 request.on_child(child, False)
@@ -113,6 +137,22 @@ class CommandBackend(ModelBackend):
                 f"command {argv[0]!r} exited with status {returncode}"
                 + (f": {detail}" if detail else " (no stderr)")
             )
+
+
+async def _feed(stdin: asyncio.StreamWriter, data: bytes) -> None:
+    """Write the prompt to the child's stdin and close it; a child that exits unread is fine."""
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        stdin.write(data)
+        await stdin.drain()
+    stdin.close()
+
+
+async def _kill_group_after_exit(proc: asyncio.subprocess.Process, grace: float) -> None:
+    """Once the child has exited, kill what it left in its group (so its pipes close)."""
+    # ``returncode`` is set when the child exits; ``wait()`` would also wait for the pipes.
+    while proc.returncode is None:
+        await asyncio.sleep(0.05)
+    await _kill_group(proc, grace)
 
 
 async def _read_all(stream: asyncio.StreamReader | None) -> bytes:

@@ -35,10 +35,20 @@ from coordinator.taskfile import is_ignored, parse_task, sha256, split_name
 log = logging.getLogger(__name__)
 
 BATCH = 512
+# A file neither closed after writing nor renamed in is taken only once its signature has held
+# still for this long. "Equal at two looks" alone is not enough: two passes can run a
+# millisecond apart (every event wakes the loop), which would read a file between two writes.
+QUIET_PERIOD = 1.0
+# The longest dropped name kept whole in a rejected/ name: the stamp, ".reason" and the
+# atomic-write temporary around it must stay within the file system's 255-byte NAME_MAX.
+MAX_SHOWN_NAME_BYTES = 160
+
+
 @dataclass
 class _Pending:
     first_seen: float
     signature: tuple[int, int, int] | None = None  # (inode, size, mtime_ns) at the last look
+    changed_at: float = 0.0  # when the signature was last seen to change (monotonic)
     ready: bool = False  # closed after writing or renamed in: take it now
 
 
@@ -118,7 +128,14 @@ class Intake:
         submissions: list[tuple[str, Submission]] = []
         handled = 0
         for name, entry in names:
-            sub = self._examine(name, entry)
+            try:
+                sub = self._examine(name, entry)
+            except Exception:
+                # One file must not stop intake: an unexpected error here used to abort the
+                # whole pass, so every later pass died on the same file and nothing else in
+                # tasks.d was ever taken. The file stays where it is to be examined again.
+                log.exception("examining %s failed; will look again", _shown(name))
+                continue
             if sub is not None:
                 submissions.append((name, sub))
             if len(submissions) >= BATCH:
@@ -159,11 +176,16 @@ class Intake:
                          "max_task_bytes in coordinator.toml.")
             return None
         signature = (st.st_ino, st.st_size, st.st_mtime_ns)
-        # Found by a listing or a bare create: take it once it held still between two looks.
-        if not entry.ready and entry.signature != signature:
-            entry.signature = signature
-            self._still_changing(name, entry)
-            return None
+        # Found by a listing or a bare create: take it once it held still for QUIET_PERIOD.
+        if not entry.ready:
+            now = time.monotonic()
+            if entry.signature != signature:
+                entry.signature = signature
+                entry.changed_at = now
+                self._still_changing(name, entry)
+                return None
+            if now - entry.changed_at < QUIET_PERIOD:
+                return None  # unchanged so far; a later pass (within rescan_interval) looks again
         data = self._read(name, path, st)
         if data is None:
             entry.ready = False  # it changed under us: wait for it to hold still
@@ -214,12 +236,18 @@ class Intake:
         return b"".join(chunks)
 
     def _reject(self, name: str, reason: str) -> None:
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{time.time_ns() % 10**9:09d}"
-        target = f"{stamp}-{name}"
+        # The stamp holds no "-": the original name is everything after the first one.
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}"
+        # The shown name, not the raw one, in the rejected name, the reason and the record:
+        # a name that is not UTF-8 cannot be encoded into the reason or the database, and a
+        # long one plus the stamp exceeds NAME_MAX; either used to raise here on every pass.
+        shown = _shown(name)
+        target = f"{stamp}-{shown}"
         rejected = self.spool.layout.rejected
         # Reason first, then the move: a crash in between leaves the file in tasks.d to be
         # examined again, never a rejected file without its reason.
-        atomic_write(rejected / f"{target}.reason", f"{name}: {reason}\n".encode(), fsync=False)
+        text = f"{shown}: {reason}\n".encode("utf-8", "backslashreplace")
+        atomic_write(rejected / f"{target}.reason", text, fsync=False)
         try:
             os.rename(self.tasks_dir / name, rejected / target)
         except FileNotFoundError:
@@ -228,12 +256,12 @@ class Intake:
             return
         self._forget(name)
         self.stats.rejected += 1
-        self.stats.recent_rejections = [*self.stats.recent_rejections[-19:], name]
-        log.warning("rejected %s: %s (moved to %s)", name, reason, rejected / target)
+        self.stats.recent_rejections = [*self.stats.recent_rejections[-19:], shown]
+        log.warning("rejected %s: %s (moved to %s)", shown, reason, rejected / target)
         if self.store is not None:
             stem = split_name(name)[0]
             self.store.record_rejected(
-                target, reason, time.time(), stem if is_valid_name(stem) else None
+                shown, reason, time.time(), stem if is_valid_name(stem) else None, file=target
             )
 
     def _accept(self, submissions: list[tuple[str, Submission]]) -> int:
@@ -266,3 +294,13 @@ class Intake:
                         self.store.record_accepted(outcome.envelope)
                         self.store.record_state(outcome.task_id, TaskState.QUEUED)
         return len(submissions)
+
+
+def _shown(name: str) -> str:
+    """``name`` as printable UTF-8 (undecodable bytes as ``\\xff``), cut to fit a file name."""
+    shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+    if len(shown.encode()) <= MAX_SHOWN_NAME_BYTES:
+        return shown
+    while len(shown.encode()) > MAX_SHOWN_NAME_BYTES - 3:
+        shown = shown[:-1]
+    return shown + "..."

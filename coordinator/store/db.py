@@ -41,7 +41,8 @@ class Store:
     writes take the lock with ``BEGIN IMMEDIATE`` and wait up to ``busy_timeout`` seconds for
     it, so many processes can write at once without "database is locked" failures; every
     ``sqlite3`` error surfaces as ``StoreError`` with the original as its ``__cause__``.
-    Not guaranteed: thread safety (use one ``Store`` per thread), or that the record agrees with
+    Not guaranteed: thread safety (a ``Store`` may move between threads, e.g. with
+    ``asyncio.to_thread``, but only one may use it at a time), or that the record agrees with
     the spool (it is written after the spool moves; :func:`rebuild` realigns it).
     """
 
