@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Procs, RssSampler, go, in_ms, python, wait_for
+from bench.harness import USAGE, Procs, RssSampler, cpu_seconds, go, in_ms, python, reap, wait_for
 
 SPEC = """\
 # The shipped agents/echo.toml with a zero token delay: the pipeline's own cost only.
@@ -69,12 +69,15 @@ class FleetHome:
         wait_for(report.exists, 30, "the daemon's first report")
         return self.daemon
 
-    def stop_daemon(self) -> None:
-        if self.daemon is not None:
-            code = self.procs.stop(self.daemon, timeout=60)
-            if code != 0:
-                raise RuntimeError(f"daemon exited {code}; see {self.root / 'daemon.log'}")
-            self.daemon = None
+    def stop_daemon(self) -> float | None:
+        """SIGTERM the daemon and reap it; returns the CPU seconds it used."""
+        if self.daemon is None:
+            return None
+        code, cpu = self.procs.stop(self.daemon, timeout=60)
+        self.daemon = None
+        if code != 0:
+            raise RuntimeError(f"daemon exited {code}; see {self.root / 'daemon.log'}")
+        return cpu
 
     def stage(self, indexes: range) -> list[str]:
         names = []
@@ -164,7 +167,8 @@ def clean(check: dict[str, Any]) -> bool:
 
 
 def intake_and_drain(root: Path, count: int, *, agents: int = 2, concurrency: int = 4,
-                     profile: Path | None = None) -> dict[str, Any]:
+                     profile: Path | None = None, profile_flags: tuple[str, ...] = ()
+                     ) -> dict[str, Any]:
     """Drop ``count`` files into an intake-only daemon, then drain them with ``agents`` agents.
 
     Intake is timed from the first rename into tasks.d until tasks.d is empty again (each file
@@ -179,6 +183,12 @@ def intake_and_drain(root: Path, count: int, *, agents: int = 2, concurrency: in
         spec = home.spec(concurrency, agents, supervised=False)
         daemon = home.start_daemon()
         sampler.watch("daemon", daemon.pid)
+        daemon_spy = None
+        if profile is not None:  # the daemon too: intake is its busy part
+            daemon_spy = procs.start([str(Path(python()).with_name("py-spy")), "record", "--pid",
+                         str(daemon.pid), "--rate", "250", "--format", "raw", *profile_flags,
+                         "-o", str(profile / "daemon.txt")], profile / "py-spy-daemon.log")
+            time.sleep(1.0)
         names = home.stage(range(count))
         started = home.drop(names)
         dropped = time.time()
@@ -193,15 +203,18 @@ def intake_and_drain(root: Path, count: int, *, agents: int = 2, concurrency: in
             "seconds": accepted - started,
             "rate": count / (accepted - started),
             "daemon_rss_peak": sampler.peak.get("daemon", 0),
+            "daemon_cpu_seconds": cpu_seconds(daemon.pid),  # includes its start-up
         }
         if queued != count:
             raise RuntimeError(f"intake queued {queued} of {count}; see {home.root}")
         time.sleep(1.0)  # let the database writes of the last batches land
         out["daemon_rss_pending"] = max(sampler.sample("daemon") for _ in range(5))
-        out["drain"] = _drain(home, spec, agents, sampler, procs, count, profile)
+        out["drain"] = _drain(home, spec, agents, sampler, procs, count, profile,
+                              profile_flags)
         out["daemon_rss_peak"] = sampler.peak.get("daemon", 0)
-        out["daemon_cpu"] = _cpu_seconds(daemon.pid)
-        home.stop_daemon()
+        out["daemon_cpu_seconds"] = home.stop_daemon()
+        if daemon_spy is not None:
+            reap(daemon_spy, 60)  # it writes its file once the daemon is gone
         return out
     finally:
         sampler.stop()
@@ -209,7 +222,7 @@ def intake_and_drain(root: Path, count: int, *, agents: int = 2, concurrency: in
 
 
 def _drain(home: FleetHome, spec: Path, agents: int, sampler: RssSampler, procs: Procs,
-           count: int, profile: Path | None) -> dict[str, Any]:
+           count: int, profile: Path | None, profile_flags: tuple[str, ...]) -> dict[str, Any]:
     argv = [python(), "-m", "bench.launch", "coordinator", "--home", str(home.root),
             "agent", "--spec", str(spec), "--exit-when-idle", "--no-reap"]
     runners = [procs.start(argv, home.root / f"agent-{k}.log", stdin=True,
@@ -220,19 +233,23 @@ def _drain(home: FleetHome, spec: Path, agents: int, sampler: RssSampler, procs:
             raise RuntimeError(f"agent launcher failed; see {home.root}")
     spy = str(Path(python()).with_name("py-spy"))
     spies = [procs.start([spy, "record", "--pid", str(r.pid), "--rate", "250",
-                          "--format", "raw", "-o", str(profile / f"agent-{k}.txt")],
+                          "--format", "raw", *profile_flags, "-o", str(profile / f"agent-{k}.txt")],
                          profile / f"py-spy-{k}.log")
              for k, r in enumerate(runners)] if profile is not None else []
     if spies:
         time.sleep(1.0)  # py-spy attaches
     for k, runner in enumerate(runners):
         sampler.watch(f"agent{k}", runner.pid)
+    # CPU spent importing before the release is not the drain's: subtract it below.
+    before = [cpu_seconds(r.pid) or 0.0 for r in runners]
     released = go(runners)
     deadline = 120 + count / 100
-    for runner in runners:
-        code = runner.wait(timeout=deadline)
+    cpu: list[float | None] = []
+    for runner, imported in zip(runners, before, strict=True):
+        code, used = reap(runner, deadline)
         if code != 0:
             raise RuntimeError(f"agent exited {code}; see {home.root}")
+        cpu.append(None if used is None else used - imported)
     exited = time.time()
     for spy in spies:
         spy.wait(timeout=60)
@@ -253,17 +270,11 @@ def _drain(home: FleetHome, spec: Path, agents: int, sampler: RssSampler, procs:
         result["rate_first_10pct"] = head / (ends[head - 1] - starts[0])
         result["rate_last_10pct"] = head / (last - ends[-head - 1]) if count > head else None
     result["agent_rss_peak"] = [sampler.peak.get(f"agent{k}", 0) for k in range(agents)]
+    result["agent_cpu_seconds"] = cpu
+    result["agent_cpu_user_system"] = [USAGE.get(r.pid) for r in runners]
+    if all(c is not None for c in cpu):
+        result["cpu_ms_per_task"] = 1000 * sum(c or 0.0 for c in cpu) / count
     return result
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    try:
-        import psutil
-
-        times = psutil.Process(pid).cpu_times()
-        return float(times.user + times.system)
-    except Exception:
-        return None
 
 
 def idle_latency(root: Path, samples: int, gap_ms: float, *, agents: int = 2,

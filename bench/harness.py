@@ -96,20 +96,54 @@ class Procs:
         return proc
 
     def stop(self, proc: subprocess.Popen[bytes], timeout: float = 30.0,
-             sig: int = signal.SIGTERM) -> int:
-        if proc.poll() is None:
-            proc.send_signal(sig)
+             sig: int = signal.SIGTERM) -> tuple[int, float | None]:
+        """Signal ``proc`` (if it still runs) and reap it: (exit code, CPU seconds used)."""
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, sig)  # still our unreaped child: the pid cannot be reused
         try:
-            return proc.wait(timeout=timeout)
+            return reap(proc, timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            return reap(proc, 30.0)
 
     def stop_all(self) -> None:
         for proc in self.procs:
-            if proc.poll() is None:
+            if proc.returncode is None:
                 self.stop(proc, timeout=15.0)
         self.procs.clear()
+
+
+USAGE: dict[int, tuple[float, float]] = {}  # pid -> (user, system) CPU seconds at exit
+
+
+def reap(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, float | None]:
+    """Wait for ``proc`` with ``wait4``: its exit code and the CPU seconds (user + system) it
+    and the children it waited for used (the split is kept in ``USAGE``). Raises
+    ``subprocess.TimeoutExpired``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere (Popen.poll): no usage to report
+            return proc.wait(), None
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            USAGE[pid] = (usage.ru_utime, usage.ru_stime)
+            return proc.returncode, usage.ru_utime + usage.ru_stime
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        time.sleep(0.01)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU seconds (user + system) a live process has used so far."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return float(times.user + times.system)
 
 
 def go(procs: Sequence[subprocess.Popen[bytes]]) -> float:
@@ -142,7 +176,7 @@ class RssSampler:
 
     def __init__(self, interval: float = 0.2) -> None:
         self.interval = interval
-        self._targets: dict[str, list[psutil.Process]] = {}
+        self._targets: dict[str, tuple[psutil.Process, bool]] = {}
         self.peak: dict[str, int] = {}
         self.last: dict[str, int] = {}
         self._stop = threading.Event()
@@ -151,18 +185,23 @@ class RssSampler:
 
     def watch(self, label: str, pid: int, *, with_children: bool = False) -> None:
         try:
-            procs = [psutil.Process(pid)]
-            if with_children:
-                procs += procs[0].children(recursive=True)
+            proc = psutil.Process(pid)
         except psutil.Error:
             return
         with self._lock:
-            self._targets[label] = procs
+            self._targets[label] = (proc, with_children)
 
     def sample(self, label: str) -> int:
         """RSS of ``label`` now (sum over its processes), in bytes; also updates the peak."""
         with self._lock:
-            procs = list(self._targets.get(label, []))
+            target = self._targets.get(label)
+        if target is None:
+            return 0
+        root, with_children = target
+        procs = [root]
+        if with_children:
+            with contextlib.suppress(psutil.Error):
+                procs += root.children(recursive=True)
         total = 0
         for proc in procs:
             with contextlib.suppress(psutil.Error):

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Procs, RssSampler, child_env, go, in_ms, python, wait_for
+from bench.harness import Procs, RssSampler, child_env, go, in_ms, python, reap, wait_for
 from bench.tracefile import read_trace, trace_count
 
 WORKERS = 2
@@ -37,8 +37,9 @@ def _consumer(procs: Procs, base: Path, nosync: bool) -> subprocess.Popen[bytes]
     return proc
 
 
-def _stop_consumer(procs: Procs, proc: subprocess.Popen[bytes]) -> None:
-    procs.stop(proc, timeout=30, sig=signal.SIGINT)  # huey's graceful signal
+def _stop_consumer(procs: Procs, proc: subprocess.Popen[bytes]) -> float | None:
+    """Stop the consumer gracefully; the CPU seconds it and its workers used."""
+    return procs.stop(proc, timeout=30, sig=signal.SIGINT)[1]  # huey's graceful signal
 
 
 def huey_drain(base: Path, count: int, *, nosync: bool = False) -> dict[str, Any]:
@@ -57,10 +58,10 @@ def huey_drain(base: Path, count: int, *, nosync: bool = False) -> dict[str, Any
         consumer = _consumer(procs, base, nosync)
         time.sleep(0.3)
         sampler.watch("consumer", consumer.pid, with_children=True)
-        wait_for(lambda: trace_count(base, "c") >= count or consumer.poll() is not None,
-                 120 + count / 50, "the huey consumer to drain", interval=0.05)
+        wait_for(lambda: trace_count(base, "c") >= count, 120 + count / 50,
+                 "the huey consumer to drain", interval=0.05)
         time.sleep(0.2)  # a duplicate would show up now
-        _stop_consumer(procs, consumer)
+        cpu = _stop_consumer(procs, consumer)
         starts = read_trace(base, "s")
         ends = read_trace(base, "c")
         counted = Counter(i for i, _ in ends)
@@ -79,6 +80,8 @@ def huey_drain(base: Path, count: int, *, nosync: bool = False) -> dict[str, Any
             "rate": count / (last - first),
             "rate_from_release": count / (last - released),
             "rss_peak": sampler.peak.get("consumer", 0),
+            "cpu_seconds": cpu,  # the consumer and its workers, start-up and idle polls included
+            "cpu_ms_per_task": None if cpu is None else 1000 * cpu / count,
             "check": check,
             "clean": check["done"] == count and not check["lost"] and not check["duplicates"],
         }
@@ -135,11 +138,11 @@ def rename_loop(base: Path, count: int) -> dict[str, Any]:
             if runner.stdout.readline().strip() != b"ready":
                 raise RuntimeError(f"rename loop launcher failed; see {base}")
         released = go(runners)
-        reports = []
+        reports, cpu = [], 0.0
         for runner in runners:
             assert runner.stdout is not None
             reports.append(json.loads(runner.stdout.readline()))
-            runner.wait(timeout=60)
+            cpu += reap(runner, 60)[1] or 0.0
         first = min(r["first"] for r in reports if r["completed"])
         last = max(r["last"] for r in reports)
         completed = sum(r["completed"] for r in reports)
@@ -158,6 +161,7 @@ def rename_loop(base: Path, count: int) -> dict[str, Any]:
             "rate": count / (last - first),
             "rate_from_release": count / (last - released),
             "per_worker": [r["completed"] for r in reports],
+            "cpu_ms_per_task": 1000 * cpu / count,
             "check": check,
             "clean": check["done"] == count and not any(
                 check[k] for k in ("lost", "duplicates", "left_queued", "left_claimed")),

@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="instead of the benchmark: one intake + drain of --large tasks with "
                         "py-spy recording each agent into DIR (numbers are not comparable)")
+    p.add_argument("--profile-flags", default="",
+                   help='extra py-spy record flags, e.g. "--gil" (CPU only) or "--idle"')
     args = p.parse_args(argv)
     args.small = args.small or (200 if args.quick else 1000)
     args.large = args.large or (2000 if args.quick else 100_000)
@@ -178,6 +180,10 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def table(report: dict[str, Any]) -> str:
     m = report["machine"]
     dirty = ", ".join(m["git"]["dirty"]) or "clean"
@@ -218,8 +224,19 @@ def table(report: dict[str, Any]) -> str:
             lambda s: f"{s['ours']['drain']['rate'] / s['huey_nosync']['rate']:.2f}x")
         row("ratio coordinator / rename loop",
             lambda s: f"{s['ours']['drain']['rate'] / s['rename']['rate']:.3f}x")
+        row("CPU ms per task: coordinator agents (sum of 2)",
+            lambda s: _ms(s["ours"]["drain"].get("cpu_ms_per_task")))
+        row("CPU ms per task: Huey consumer + workers (fsync)",
+            lambda s: _ms(s["huey"].get("cpu_ms_per_task")))
+        row("CPU ms per task: Huey consumer + workers (fsync off)",
+            lambda s: _ms(s["huey_nosync"].get("cpu_ms_per_task")))
+        row("CPU ms per task: rename loop",
+            lambda s: _ms(s["rename"].get("cpu_ms_per_task")))
         row("intake: files accepted durably per s (no agents)",
             lambda s: _rate(s["ours"]["intake"]["rate"]))
+        row("  daemon CPU ms per file during intake (incl. start-up)",
+            lambda s: _ms(1000 * s["ours"]["intake"]["daemon_cpu_seconds"] / s["n"]
+                          if s["ours"]["intake"].get("daemon_cpu_seconds") else None))
         row("daemon RSS with the queue pending, MB",
             lambda s: f"{s['ours']['daemon_rss_pending'] / 2**20:.1f}")
         row("daemon RSS peak (intake + drain), MB",
@@ -262,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"profiling a drain of {args.large} tasks into {args.profile}")
             result = fleet.intake_and_drain(work / "profile", args.large, agents=args.agents,
                                             concurrency=args.concurrency,
-                                            profile=args.profile)
+                                            profile=args.profile,
+                                            profile_flags=tuple(args.profile_flags.split()))
             print(json.dumps(result, indent=2, default=str))
             return 0
         report = run(args, work)

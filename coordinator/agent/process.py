@@ -135,9 +135,7 @@ class Agent:
     async def _claim_loop(self, index: QueueIndex) -> None:
         capacity = asyncio.Semaphore(self.spec.concurrency)
         while not self.stopping.is_set():
-            await capacity.acquire()
-            if self.stopping.is_set():
-                capacity.release()
+            if not await self._acquire_slot(capacity):
                 break
             claim = self._claim_next(index)
             if claim is None:
@@ -152,6 +150,27 @@ class Agent:
             runner = asyncio.create_task(self._run_attempt(claim))
             self.running[claim.task_id] = _Running(claim, runner, time.time())
             runner.add_done_callback(lambda _t: capacity.release())
+
+    async def _acquire_slot(self, capacity: asyncio.Semaphore) -> bool:
+        """Wait for a free slot; False (holding none) as soon as a stop is requested.
+
+        Waiting on the semaphore alone missed a stop while every slot was busy: the loop saw
+        ``stopping`` only once some attempt ended, so an agent whose attempts never end (a hung
+        CLI) ignored SIGTERM, and one whose daemon was killed ran on unsupervised for ever.
+        """
+        acquirer = asyncio.create_task(capacity.acquire())
+        stopper = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait({acquirer, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in (acquirer, stopper):
+            waiter.cancel()  # a slot granted just as it is cancelled goes back to the semaphore
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+        if acquirer.cancelled():
+            return False
+        if self.stopping.is_set():
+            capacity.release()
+            return False
+        return True
 
     async def _wait_for_work(self, index: QueueIndex) -> None:
         waiter = asyncio.create_task(index.wait(self.settings.rescan_interval))
@@ -328,7 +347,8 @@ class Agent:
             for entry in list(self.running.values()):
                 if not entry.task.done() and not self.spool.holds(entry.claim):
                     entry.task.cancel()  # cancelled or reclaimed: stop the work now
-            if self.supervisor_pid is not None and os.getppid() != self.supervisor_pid:
+            if (self.supervisor_pid is not None and os.getppid() != self.supervisor_pid
+                    and not self.stopping.is_set()):
                 log.warning("agent %s: its daemon is gone; shutting down", self.agent_id)
                 self.stopping.set()
             await asyncio.sleep(self.settings.heartbeat_interval)

@@ -13,14 +13,14 @@ import click
 
 from coordinator.cli.app import Context, cli, emit_json, handle_errors
 from coordinator.errors import CoordinatorError, ExitCode, StateConflict, TaskFileError
-from coordinator.models import Task, TaskView
+from coordinator.models import Task, TaskView, is_valid_name
 from coordinator.spool.filespool import FileSpool
 from coordinator.spool.fsutil import fsync_dir, write_file
 from coordinator.spool.layout import SpoolLayout
 from coordinator.states import TaskState
 from coordinator.store import Store
 from coordinator.store.rebuild import rebuild
-from coordinator.taskfile import parse_task, render_task
+from coordinator.taskfile import ID_RULE, parse_task, render_task
 from coordinator.views import fleet_status, task_view
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -83,6 +83,8 @@ def submit(
     settings = ctx.settings
     if (file is None) == (prompt is None):
         raise click.UsageError("give either FILE or --prompt")
+    if task_id is not None and not is_valid_name(task_id):
+        raise TaskFileError(f"--id {task_id!r} is not a valid task id: use {ID_RULE}")
     updates: dict[str, Any] = {
         k: v
         for k, v in {
@@ -179,7 +181,8 @@ def status(ctx: Context, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--state", type=click.Choice([s.value for s in TaskState]), help="Only this state.")
-@click.option("--limit", type=int, default=1000, show_default=True)
+# IntRange: the store refuses a limit below 1 with a ValueError (a traceback and exit 1 here).
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @pass_ctx
 @handle_errors
@@ -200,8 +203,14 @@ def tasks(ctx: Context, state: str | None, limit: int, as_json: bool) -> None:
     if state not in ("queued", "claimed") and settings.db_file.exists():
         with Store(settings.db_file) as store:
             ended = [TaskState(state)] if state else [
-                TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED]
+                TaskState.DONE, TaskState.FAILED, TaskState.CANCELLED, TaskState.REJECTED]
             for s in ended:
+                if s is TaskState.REJECTED:
+                    # Rejected files never became tasks: they have their own table.
+                    rows += [{"id": r["task_id"] or r["name"], "state": "rejected",
+                              "file": r["file"], "reason": r["reason"]}
+                             for r in store.list_rejected(limit)]
+                    continue
                 for row in store.list_tasks(s, limit):
                     rows.append({"id": row["id"], "state": row["state"],
                                  "priority": row.get("priority"),
@@ -270,6 +279,12 @@ def _follow(settings: Any, task_id: str) -> None:
                 click.echo(text[done:], nl=False)
                 shown[n] = len(text)
         if view.state.terminal:
+            # A fast attempt's output may never have gone through the partial file: print
+            # whatever of the committed output has not been shown yet.
+            if view.state is TaskState.DONE and view.output is not None:
+                n = max([a.number for a in view.attempts] or [0])
+                click.echo(view.output[shown.get(n, 0):] if shown.get(n) else view.output,
+                           nl=False)
             click.echo()
             return
         time.sleep(0.1)  # polling a file for a person watching, not synchronisation

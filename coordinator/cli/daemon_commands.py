@@ -59,8 +59,12 @@ def agent(
     reap: bool | None,
     exit_when_idle: bool,
 ) -> None:
-    """Run one agent process from a spec (the daemon starts these; run by hand or with
-    coordinator-agent@.service on hosts without a daemon)."""
+    """Run one agent process from a spec.
+
+    The daemon starts these itself; run one by hand (or with coordinator-agent@.service) for a
+    spec with processes = 0. It must run on the spool's host: the file spool's claims are local
+    flocks and renames (a Redis spool for several hosts is planned).
+    """
     if settings_file is not None:
         ctx.use_settings_file(settings_file)
     configure_logging(ctx)

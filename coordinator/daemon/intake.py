@@ -28,7 +28,6 @@ from coordinator.models import is_valid_name
 from coordinator.spool.filespool import FileSpool, SeqClock, Submission
 from coordinator.spool.fsutil import atomic_write
 from coordinator.spool.watch import DirectoryWatcher
-from coordinator.states import TaskState
 from coordinator.store import Store
 from coordinator.taskfile import is_ignored, parse_task, sha256, split_name
 
@@ -291,8 +290,12 @@ class Intake:
             with self.store.batch():
                 for outcome in accepted:
                     if outcome.envelope is not None:
+                        # record_accepted alone: it records a new task as QUEUED and keeps the
+                        # state of a row that exists. The task is claimable since spool.accept,
+                        # so an agent may already have recorded it CLAIMED or DONE; a
+                        # record_state(QUEUED) here used to overwrite that, and status then
+                        # counted a finished task as queued for good.
                         self.store.record_accepted(outcome.envelope)
-                        self.store.record_state(outcome.task_id, TaskState.QUEUED)
         return len(submissions)
 
 

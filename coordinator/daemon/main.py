@@ -187,12 +187,24 @@ class Daemon:
     async def _report_loop(self, supervisor: Supervisor, intake: Intake) -> None:
         interval = sdnotify.watchdog_interval() or 1.0
         while True:
-            self._write_report(supervisor, intake)
+            report = self._write_report(supervisor, intake)
             sdnotify.watchdog_ping()
+            sdnotify.status(report["summary"])
             await asyncio.sleep(min(interval, 1.0))
 
-    def _write_report(self, supervisor: Supervisor, intake: Intake, stopped: bool = False) -> None:
+    def _write_report(
+        self, supervisor: Supervisor, intake: Intake, stopped: bool = False
+    ) -> dict[str, Any]:
+        slots = [s for spec in supervisor.report().values() for s in spec]
+        running = sum(1 for s in slots if s["state"] == "running")
+        looping = sum(1 for s in slots if s["state"] == "crash-loop")
+        summary = (
+            f"{running}/{len(slots)} agents running"
+            + (f", {looping} in crash-loop" if looping else "")
+            + f"; accepted {intake.stats.accepted}, rejected {intake.stats.rejected}"
+        )
         report: dict[str, Any] = {
+            "summary": summary,
             "pid": os.getpid(),
             "started_at": self.started_at,
             "updated_at": time.time(),
@@ -205,3 +217,4 @@ class Daemon:
             },
         }
         atomic_write(self.layout.daemon_report, json.dumps(report).encode("utf-8"), fsync=False)
+        return report

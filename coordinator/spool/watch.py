@@ -23,6 +23,7 @@ class _Callback:
     def __init__(self, on_name: OnName, on_overflow: Callable[[], None]) -> None:
         self._on_name = on_name
         self._on_overflow = on_overflow
+        self.closing = False
 
     def on_event(self, event: Any) -> None:
         if event.name and not event.is_directory:
@@ -35,7 +36,8 @@ class _Callback:
             self._on_name(event.name.decode("utf-8", "surrogateescape"), kind)
 
     def on_watch_deleted(self, wd: Any) -> None:
-        log.warning("watched directory disappeared (wd %s)", wd)
+        if not self.closing:  # closing the watcher removes its watch too: not news
+            log.warning("watched directory disappeared (wd %s)", wd)
 
     def on_queue_overflow(self) -> None:
         self._on_overflow()
@@ -66,9 +68,8 @@ class DirectoryWatcher:
         if close_write:
             mask |= C.IN_CLOSE_WRITE
         self._fd = InotifyFD()
-        self._fd.add_callback(
-            bytes(path), mask, _Callback(on_name, on_overflow), "coordinator"
-        )
+        self._callback = _Callback(on_name, on_overflow)
+        self._fd.add_callback(bytes(path), mask, self._callback, "coordinator")
         self._fd.start()
 
     @property
@@ -77,5 +78,6 @@ class DirectoryWatcher:
 
     def close(self) -> None:
         if self._fd is not None:
+            self._callback.closing = True
             self._fd.stop()
             self._fd = None

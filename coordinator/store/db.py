@@ -151,9 +151,20 @@ class Store:
 
     def record_attempt(self, task_id: str, record: AttemptRecord) -> None:
         """Insert or replace attempt ``record.number`` of a task; raise the task's attempt count."""
-        row = {"task_id": task_id, **record.model_dump(mode="json")}
+        # Plain SQL, not sqlite-utils' upsert: this runs once per attempt on the agents' hot
+        # path and upsert introspects the table's schema on every call.
         with self._write("recording an attempt") as db:
-            db["attempts"].upsert(row, pk=("task_id", "number"))
+            db.execute(
+                """INSERT INTO attempts (task_id, number, agent, pid, started_at, ended_at,
+                                         outcome, reason)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (task_id, number) DO UPDATE SET
+                       agent = excluded.agent, pid = excluded.pid,
+                       started_at = excluded.started_at, ended_at = excluded.ended_at,
+                       outcome = excluded.outcome, reason = excluded.reason""",
+                (task_id, record.number, record.agent, record.pid, record.started_at,
+                 record.ended_at, record.outcome.value, record.reason),
+            )
             db.execute(
                 "UPDATE tasks SET attempts = max(attempts, ?) WHERE id = ?",
                 (record.number, task_id),
@@ -286,6 +297,12 @@ class Store:
     def list_agents(self) -> list[dict[str, Any]]:
         """Every agent the record has seen, by id."""
         return self._query("listing agents", "SELECT * FROM agents ORDER BY id")
+
+    def list_rejected(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """Rejected files, newest first."""
+        return self._query(
+            "listing rejected files", "SELECT * FROM rejected ORDER BY at DESC LIMIT ?", (limit,)
+        )
 
     def find_rejected(self, name_or_id: str) -> dict[str, Any] | None:
         """The latest rejection of a file by its name, its stamped name, or its task id."""

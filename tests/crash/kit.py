@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import select
@@ -252,7 +253,7 @@ def assert_done_once(
     numbers = [e["n"] for e in starts]
     assert numbers == sorted(set(numbers)), f"attempts started twice or out of order: {numbers}"
     assert all(number <= n for number in numbers), f"an attempt after the done one: {numbers}"
-    for earlier, later in zip(starts, starts[1:], strict=False):
+    for earlier, later in itertools.pairwise(starts):
         ends = [e for e in end_records(events, earlier["n"]) if e.get("outcome") != "superseded"]
         if ends and ends[0]["at"] <= later["at"]:
             continue  # (a)

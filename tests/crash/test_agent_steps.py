@@ -72,7 +72,7 @@ def test_agent_killed_at_step(home: Home, step: str) -> None:
         assert summary["starts"] == ([] if step == "claimed" else [1])
     else:
         assert summary["result"]["output"] == (
-            f"partial output of job\nrest of the answer for job"
+            "partial output of job\nrest of the answer for job"
         )
         expected_starts = [2] if step == "claimed" else [1, 2]
         assert summary["starts"] == expected_starts

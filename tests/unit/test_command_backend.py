@@ -164,7 +164,10 @@ def test_timeout_while_the_consumer_is_busy_is_still_a_backend_timeout() -> None
 
 
 def test_prompt_goes_to_stdin_when_argv_has_no_placeholder() -> None:
-    script = "import sys\ndata = sys.stdin.read()\nsys.stdout.write('got:' + data + ':' + sys.argv[1])"
+    script = (
+        "import sys\ndata = sys.stdin.read()\n"
+        "sys.stdout.write('got:' + data + ':' + sys.argv[1])"
+    )
     prompt = "line one\nline two ünïcode"
     chunks, error = run(make([PY, "-c", script, "fixed-arg"]), request(prompt))
     assert error is None
@@ -397,23 +400,38 @@ def test_grandchildren_left_after_a_normal_exit_are_killed(
 
 
 def test_on_child_reports_start_and_end_with_the_group() -> None:
-    calls: list[tuple[ChildProcess, bool, bool]] = []
+    calls: list[tuple[ChildProcess, bool, bool, float | None]] = []
 
     def on_child(child: ChildProcess, started: bool) -> None:
         # At the start the child is alive; at the end its group is gone.
-        calls.append((child, started, bool(group_members(child.pgid))))
+        created = psutil.Process(child.pgid).create_time() if started else None
+        calls.append((child, started, bool(group_members(child.pgid)), created))
 
     script = "import os\nprint(os.getpid(), os.getpgid(0))"
     chunks, error = run(make([PY, "-c", script]), request(on_child=on_child))
     assert error is None
     pid, pgid = (int(x) for x in text_of(chunks).split())
-    assert [(c.pgid, s) for c, s, _ in calls] == [(pid, True), (pid, False)]
     assert pgid == pid
-    start, end = calls
-    assert start[0] is end[0] or start[0] == end[0]
-    assert start[0].start_time is not None
-    assert abs(start[0].start_time - psutil.boot_time()) > 0  # a real create_time
-    assert end[2] is False
+    assert [(c.pgid, s) for c, s, _, _ in calls] == [(pid, True), (pid, False)]
+    (start, _, _, created), (end, _, alive_at_end, _) = calls
+    assert start == end
+    # The start time is recorded so a reaper never signals a recycled pid.
+    assert start.start_time is not None and created is not None
+    assert abs(start.start_time - created) < 0.01
+    assert alive_at_end is False
+
+
+def test_timeout_covers_a_child_that_never_reads_its_prompt(leftovers: list[int]) -> None:
+    # More prompt than a pipe holds, and the child sleeps without reading stdin: writing the
+    # prompt must not block past the timeout.
+    script = "import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(300)"
+    backend = make([PY, "-c", script], timeout=1.0)
+    started = time.monotonic()
+    chunks, error = run(backend, request("p" * (1 << 20)))
+    leftovers.append(int(text_of(chunks)))
+    assert isinstance(error, BackendTimeout)
+    assert time.monotonic() - started < 10
+    wait_until(lambda: gone(leftovers[0]), 5, "child gone")
 
 
 @pytest.mark.parametrize("outcome", ["fail", "timeout"])

@@ -1,8 +1,9 @@
 """Intake against hostile names and writers, driven by hand (no watcher thread, no daemon).
 
-Each test here once failed: a file name that is not UTF-8 or is too long to stamp raised in
-``_reject`` on every pass, an unexpected error on one file stopped every other file, and a file
-seen twice a millisecond apart was read half-written.
+Most tests here once failed: a file name that is not UTF-8 or is too long to stamp raised in
+``_reject`` on every pass, an unexpected error on one file stopped every other file, a file seen
+twice a millisecond apart was read half-written, and a task an agent finished before intake wrote
+its record was recorded as queued for good.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from coordinator.daemon import intake as intake_module
 from coordinator.daemon.intake import Intake
 from coordinator.errors import TaskFileError
 from coordinator.models import Task
+from coordinator.spool.filespool import Accepted, SeqClock, Submission
 from coordinator.states import TaskState
 from coordinator.store import Store
 from coordinator.store.rebuild import rejected_name
@@ -160,3 +162,24 @@ def test_task_file_errors_reach_the_reason_file_verbatim(home: Home, intake: Int
     with pytest.raises(TaskFileError) as caught:
         intake_module.parse_task("bad.json", b'{"prompt": "x", "prompt": "y"}')
     assert rejected(home) == {"bad.json": f"bad.json: {caught.value.message}\n"}
+
+
+def test_a_task_finished_before_intake_records_it_stays_done_in_the_record(
+    home: Home, intake: Intake, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_accept = intake.spool.accept
+
+    def accept_then_finish(batch: list[Submission], clock: SeqClock) -> list[Accepted]:
+        outcomes = real_accept(batch, clock)
+        for sub in batch:  # a fast agent: claimed and done before intake writes its record
+            store.record_state(sub.task.id, TaskState.DONE)
+        return outcomes
+
+    monkeypatch.setattr(intake.spool, "accept", accept_then_finish)
+    (home.tasks / "quick.toml").write_bytes(b'prompt = "x"\n')
+    intake.rescan(initial=True)
+    intake.process()
+    counts = store.counts_by_state()
+    assert (counts["done"], counts["queued"]) == (1, 0)
+    [row] = store.list_tasks()
+    assert (row["id"], row["priority"], row["source"]) == ("quick", 100, "quick.toml")

@@ -103,7 +103,9 @@ def test_bad_spec_values(tmp_path: Path, text: str, expected: str) -> None:
 
 
 def test_backend_options_errors_name_the_backend(tmp_path: Path) -> None:
-    path = write_spec(tmp_path, "a", 'backend = "command"\n[backend_options]\nargv = ["{prompt}"]\n')
+    path = write_spec(
+        tmp_path, "a", 'backend = "command"\n[backend_options]\nargv = ["{prompt}"]\n'
+    )
     message = load_error(path).message
     assert "backend_options" in message and "command" in message
     assert "program" in message  # says what argv[0] must be
