@@ -42,7 +42,8 @@ def group_alive(pgid: int) -> bool:
 def _group_members(pgid: int) -> list[psutil.Process]:
     members = []
     for proc in psutil.process_iter(["pid"]):
-        with contextlib.suppress(psutil.Error):
+        # ProcessLookupError: any process on the host may exit while we scan.
+        with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
             if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
                 members.append(proc)
     return members

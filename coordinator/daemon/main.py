@@ -95,7 +95,7 @@ class Daemon:
             kill_grace=self.settings.kill_grace,
         )
         await asyncio.to_thread(self._stop_orphans)
-        await asyncio.to_thread(reaper.reap)
+        await self._reap_once(reaper)
         intake = Intake(self.settings, self.spool, store)
         intake.start()
         supervisor = Supervisor(self.settings, fleet, settings_file, on_exit=self._reap_now.set)
@@ -127,7 +127,7 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         log.debug("loops cancelled; final reclaim pass")
-        await asyncio.to_thread(reaper.reap)  # claims of agents that had to be killed
+        await self._reap_once(reaper)  # claims of agents that had to be killed
         self._write_report(supervisor, intake, stopped=True)
         log.info("daemon stopped")
         return 0
@@ -158,14 +158,18 @@ class Daemon:
 
     async def _reap_loop(self, reaper: Reaper) -> None:
         while True:
-            try:
-                await asyncio.to_thread(reaper.reap)
-            except Exception:
-                log.exception("reap pass failed; will retry")
+            await self._reap_once(reaper)
             self._reap_now.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.reap_interval):
                     await self._reap_now.wait()
+
+    async def _reap_once(self, reaper: Reaper) -> None:
+        try:
+            await asyncio.to_thread(reaper.reap)
+        except Exception:
+            # A failed pass loses nothing (the next one starts over from the files).
+            log.exception("reap pass failed; will retry")
 
     async def _idle_watch(self, intake: Intake) -> None:
         """``--exit-when-idle``: stop once nothing is pending, queued or claimed, twice in a row."""

@@ -54,13 +54,11 @@ def fold_attempts(
         if kind == "retry":
             retry_after = max(retry_after, int(event.get("after", 0)))
             continue
-        if kind == "cancel":
-            # A queued token was cancelled: attempt n never started. Folding this record made a
-            # phantom attempt that `show` reported as crashed ("ended without an end record").
-            continue
         number = event.get("n")
         if kind not in ("start", "end") or not isinstance(number, int):
-            continue  # e.g. "cancel" of a queued task: no attempt ran
+            # e.g. "cancel" of a queued token: attempt n never started. Folding it made a
+            # phantom attempt that `show` reported as crashed ("ended without an end record").
+            continue
         record = records.get(number)
         if record is None:
             record = records[number] = AttemptRecord(number=number, agent=event.get("agent", ""))

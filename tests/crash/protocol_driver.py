@@ -14,7 +14,7 @@ only, the function that performs the next step, and pauses before or after calli
 Roles and their steps, in protocol order:
 
 - ``agent --task ID``: ``claimed`` (claim renamed, no start record), ``started`` (start record
-  logged, no output), ``streaming`` (first output chunk in ``out~N.part``), ``result-staged``
+  logged, no output), ``streaming`` (some output in ``out~N.part``, more to come), ``result-staged``
   (result in its temporary file and flushed, not renamed), ``result-written``
   (``result~N.json`` in place, claim not yet renamed to ``done~N``), ``fenced`` (``done~N`` in
   place, end record not yet logged).
@@ -123,18 +123,17 @@ def run_agent(settings: Settings, task_id: str, cp: Checkpoints) -> None:
     spool.start_attempt(claim, os.getpid())
     cp.reached("started")
 
-    first_chunk = {"seen": False}
+    def output_on_disk(_stage: StreamStage, _text: str) -> bool:
+        # The stream stage may buffer its first chunks; pause once output really is in the file.
+        partial = layout.partial_path(task_id, claim.attempt)
+        return partial.exists() and partial.stat().st_size > 0
 
-    def after_first_write(_stage: StreamStage, _text: str) -> bool:
-        if first_chunk["seen"]:
-            return False
-        first_chunk["seen"] = True
-        return True
-
-    cp.wrap(StreamStage, "write", "streaming", after=True, when=after_first_write)
+    cp.wrap(StreamStage, "write", "streaming", after=True, when=output_on_disk)
     envelope = spool.read_envelope(task_id)
-    spec = AgentSpec(name="driver", backend="echo", backend_options={"token_delay_ms": 0})
-    pipeline = Pipeline(create_backend("echo", {"token_delay_ms": 0}))
+    # Words arrive slowly enough for some to reach out~N.part while others are still to come.
+    options = {"token_delay_ms": 100}
+    spec = AgentSpec(name="driver", backend="echo", backend_options=options)
+    pipeline = Pipeline(create_backend("echo", options))
     started = time.time()
     ctx = TaskContext(task=envelope.task, attempt=claim.attempt, spec=spec,
                       emit=lambda _t: None, started_at=started)

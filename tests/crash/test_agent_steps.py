@@ -46,7 +46,7 @@ STEPS = {
 def test_agent_killed_at_step(home: Home, step: str) -> None:
     done_attempt, first_outcome, reruns = STEPS[step]
     cli = FakeCli.install(home)
-    prompt = marker_prompt("job")
+    prompt = marker_prompt("job", "and", "a", "few", "more", "words")  # streamed word by word
     accept(home, {"job": prompt})
     driver = Driver(home, "agent", "--task", "job", "--stop-at", step)
     facts = driver.paused(step)
@@ -81,7 +81,7 @@ def test_agent_killed_at_step(home: Home, step: str) -> None:
     if step == "streaming":
         # The dead attempt's partial output is kept as history, the new attempt has its own.
         partial = home.spool.read_partial("job", 1)
-        assert partial and prompt.startswith(partial)
+        assert partial and prompt.startswith(partial) and partial != prompt
     assert home.state("job") is TaskState.DONE
     assert agent.poll() is None
     finish(home)
