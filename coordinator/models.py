@@ -36,11 +36,11 @@ class Task(BaseModel):
     priority: int = Field(default=DEFAULT_PRIORITY, ge=0, le=MAX_PRIORITY)
     agent: SpecName | None = None  # which spec may take it; None: any
     max_attempts: int | None = Field(default=None, ge=1, le=100)
-    timeout: float | None = Field(default=None, gt=0)
+    timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     session: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     model: str | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
     max_tokens: int | None = Field(default=None, ge=1)
     options: dict[str, Any] = Field(default_factory=dict)  # passed to the backend as they are
 
@@ -65,6 +65,7 @@ class TaskEnvelope(BaseModel):
     source: str  # the file name it came from
     source_sha256: str
     max_attempts: int  # the task's own, or the configured default at acceptance
+    source_inode: int | None = None
 
 
 class AgentSpec(BaseModel):

@@ -63,8 +63,15 @@ class IntakeStats:
 class Intake:
     """Watches ``tasks_dir`` and feeds the spool. :meth:`process` runs in one thread at a time."""
 
-    def __init__(self, settings: Settings, spool: FileSpool, store: Store | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        spool: FileSpool,
+        store: Store | None,
+        known_specs: set[str] | None = None,
+    ) -> None:
         self.settings = settings
+        self.known_specs = known_specs
         self.spool = spool
         self.store = store
         self.tasks_dir = settings.tasks_path
@@ -100,7 +107,8 @@ class Intake:
         self.wakeup.set()
 
     def rescan(self, initial: bool = False) -> None:
-        """List ``tasks_dir``; files present at start-up are taken at once."""
+        """List ``tasks_dir``. At start-up, files quiet for QUIET_PERIOD are taken at once;
+        one modified just now may still be written in place and waits like any other."""
         try:
             names = os.listdir(self.tasks_dir)
         except FileNotFoundError:
@@ -111,9 +119,16 @@ class Intake:
                 if is_ignored(name):
                     continue
                 entry = self._pending.setdefault(name, _Pending(now))
-                if initial:
+                if initial and self._quiet(name):
                     entry.ready = True
         self.wakeup.set()
+
+    def _quiet(self, name: str) -> bool:
+        try:
+            st = os.lstat(self.tasks_dir / name)
+        except OSError:
+            return False
+        return time.time() - st.st_mtime >= QUIET_PERIOD
 
     @property
     def pending(self) -> int:
@@ -196,7 +211,11 @@ class Intake:
             self._reject(name, exc.message)
             return None
         max_attempts = task.max_attempts or self.settings.default_max_attempts
-        return Submission(task, name, sha256(data), max_attempts)
+        if task.agent is not None and self.known_specs is not None \
+                and task.agent not in self.known_specs:
+            log.warning("task %s is for agent %r, which no spec in %s defines: it waits until "
+                        "one does", task.id, task.agent, self.settings.agents_path)
+        return Submission(task, name, sha256(data), max_attempts, source_inode=st.st_ino)
 
     def _still_changing(self, name: str, entry: _Pending) -> None:
         waited = time.monotonic() - entry.first_seen

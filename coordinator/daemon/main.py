@@ -96,7 +96,7 @@ class Daemon:
         )
         await asyncio.to_thread(self._stop_orphans)
         await self._reap_once(reaper)
-        intake = Intake(self.settings, self.spool, store)
+        intake = Intake(self.settings, self.spool, store, known_specs=set(fleet))
         intake.start()
         supervisor = Supervisor(self.settings, fleet, settings_file, on_exit=self._reap_now.set)
         tasks = [

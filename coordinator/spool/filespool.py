@@ -53,6 +53,7 @@ class Submission:
     source: str
     source_sha256: str
     max_attempts: int
+    source_inode: int | None = None  # tells a crash leftover from the same bytes dropped again
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +154,7 @@ class FileSpool:
 
         Order (each step durable before the next; a crash anywhere redoes the batch on restart):
         write ``task.json`` under a temporary name, flush, rename it and create the queue token,
-        flush. Only after this returns may the caller delete the source files.
+        flush. Only after this returns may the caller move the source files away.
         """
         staged: list[tuple[Submission, Path, TaskEnvelope]] = []
         results: list[Accepted] = []
@@ -172,6 +173,7 @@ class FileSpool:
                 accepted_at=time.time(),
                 source=sub.source,
                 source_sha256=sub.source_sha256,
+                source_inode=sub.source_inode,
                 max_attempts=sub.max_attempts,
             )
             tmp = task_dir / ".task.json.tmp"
@@ -195,7 +197,14 @@ class FileSpool:
             envelope = self.read_envelope(sub.task.id)
         except (TaskNotFound, ValueError):
             return None  # crashed before task.json was in place: accept it afresh
-        if envelope.source_sha256 != sub.source_sha256:
+        same_file = envelope.source_sha256 == sub.source_sha256 and (
+            envelope.source_inode is None
+            or sub.source_inode is None
+            or envelope.source_inode == sub.source_inode
+        )
+        if not same_file:
+            # Another task with this id, or the same bytes dropped again as a new file: only
+            # the very file we accepted (same inode) is a leftover of a crash before its move.
             return Accepted(sub.task.id, None, duplicate_of_other=True, envelope=envelope)
         if not self.has_token(sub.task.id, envelope):
             name = self.queue_name(envelope, 1)

@@ -98,3 +98,22 @@ def test_sigterm_stops_daemon_and_agents_cleanly(home: Home) -> None:
     wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
                                for p in pids), 10, "agents gone")
     assert home.cli("status").returncode == 3
+
+
+def test_same_file_dropped_again_is_rejected_not_silently_dropped(home: Home) -> None:
+    home.echo_spec()
+    home.start_daemon()
+    home.wait_daemon_ready()
+    home.drop("twice.toml", 'prompt = "only once"\n')
+    home.wait_state("twice", TaskState.DONE)
+    home.drop("twice.toml", 'prompt = "only once"\n')  # the very same bytes, a new file
+    reasons = home.spool.layout.rejected
+
+    def rejected_reason() -> str | None:
+        found = [p for p in reasons.glob("*.reason") if "twice.toml" in p.name]
+        return found[0].read_text() if found else None
+
+    reason = wait_until(rejected_reason, 20, "the second drop to be rejected")
+    assert "already exists" in reason
+    assert "coordinator retry twice" in reason
+    assert [a["outcome"] for a in home.cli_json("show", "twice")["attempts"]] == ["done"]

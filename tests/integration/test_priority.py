@@ -13,12 +13,14 @@ from tests.support import Home, wait_until
 
 def test_racing_agents_start_tasks_in_priority_order(home: Home) -> None:
     agents = 3
-    spec = home.echo_spec(processes=0, concurrency=1, delay=1.0)
+    spec = home.echo_spec(processes=0, concurrency=1, delay=20.0)
     spool = home.spool
     rng = random.Random(7)
     tasks = [Task(id=f"p{i:03d}", prompt="a b c", priority=rng.choice([0, 5, 10, 50, 100]))
-             for i in range(90)]
-    # Accept everything before any agent runs, so every claim is a real choice among all tasks.
+             for i in range(150)]
+    # Accept everything before any agent runs, so every claim is a choice among all tasks (an
+    # agent running while tokens are created one by one would rightly take the first one).
+    # The backlog is long enough (~60 ms a task) that all agents are racing well before it ends.
     spool.accept([Submission(t, f"{t.id}.toml", t.id, 1) for t in tasks], SeqClock())
     procs = [home.start_agent(spec, "--exit-when-idle") for _ in range(agents)]
     for proc in procs:

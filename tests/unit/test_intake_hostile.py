@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +43,14 @@ def intake(home: Home, store: Store) -> Intake:
     return Intake(home.settings, home.spool, store)
 
 
+def backdate(directory: Path) -> None:
+    """Make the files look as if they were there, quiet, before the daemon started (at start-up
+    intake takes at once only files that have not changed for QUIET_PERIOD)."""
+    past = time.time() - 60
+    for name in os.listdir(directory):
+        os.utime(directory / name, (past, past), follow_symlinks=False)
+
+
 def rejected(home: Home) -> dict[str, str]:
     """Rejected name as dropped (stamp removed) -> its reason file's text."""
     directory = home.spool.layout.rejected
@@ -59,6 +68,7 @@ def test_a_file_name_that_is_not_utf8_is_rejected_and_blocks_nothing(
     bad = os.fsdecode(b"caf\xe9.toml")
     (home.tasks / bad).write_bytes(b'prompt = "x"\n')
     (home.tasks / "good.toml").write_bytes(b'prompt = "fine"\n')
+    backdate(home.tasks)
     intake.rescan(initial=True)
     intake.process()
     assert home.state("good") is TaskState.QUEUED
@@ -75,6 +85,7 @@ def test_a_file_name_too_long_to_stamp_is_rejected_under_a_shortened_name(
 ) -> None:
     long_name = "n" * 240 + ".toml"  # fits NAME_MAX; "STAMP-" + it + ".reason" does not
     (home.tasks / long_name).write_bytes(b'prompt = "x"\n')
+    backdate(home.tasks)
     intake.rescan(initial=True)
     intake.process()
     [(shown, reason)] = rejected(home).items()
@@ -99,6 +110,7 @@ def test_an_unexpected_error_on_one_file_does_not_stop_the_others(
     monkeypatch.setattr(intake_module, "parse_task", parse)
     for name in ("boom.toml", "after.toml"):
         (home.tasks / name).write_bytes(b'prompt = "x"\n')
+    backdate(home.tasks)
     intake.rescan(initial=True)
     with caplog.at_level(logging.ERROR):
         intake.process()
@@ -157,6 +169,7 @@ def test_a_file_that_keeps_growing_is_rejected_after_settle_timeout(
 
 def test_task_file_errors_reach_the_reason_file_verbatim(home: Home, intake: Intake) -> None:
     (home.tasks / "bad.json").write_bytes(b'{"prompt": "x", "prompt": "y"}')
+    backdate(home.tasks)
     intake.rescan(initial=True)
     intake.process()
     with pytest.raises(TaskFileError) as caught:
@@ -177,9 +190,27 @@ def test_a_task_finished_before_intake_records_it_stays_done_in_the_record(
 
     monkeypatch.setattr(intake.spool, "accept", accept_then_finish)
     (home.tasks / "quick.toml").write_bytes(b'prompt = "x"\n')
+    backdate(home.tasks)
     intake.rescan(initial=True)
     intake.process()
     counts = store.counts_by_state()
     assert (counts["done"], counts["queued"]) == (1, 0)
     [row] = store.list_tasks()
     assert (row["id"], row["priority"], row["source"]) == ("quick", 100, "quick.toml")
+
+
+def test_at_start_up_a_file_changed_just_now_is_not_read_yet(
+    home: Home, intake: Intake
+) -> None:
+    # It may be a file being written in place while the daemon restarts: reading it now could
+    # take half of it. Only a file quiet for QUIET_PERIOD is taken at once.
+    (home.tasks / "fresh.toml").write_bytes(b'prompt = "half wr')
+    intake.rescan(initial=True)
+    intake.process()
+    assert home.state("fresh") is None
+    assert os.listdir(home.tasks) == ["fresh.toml"]
+    (home.tasks / "fresh.toml").write_bytes(b'prompt = "whole"\n')
+    backdate(home.tasks)
+    intake.rescan(initial=True)
+    intake.process()
+    assert home.state("fresh") is TaskState.QUEUED
