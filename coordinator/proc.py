@@ -5,28 +5,44 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import psutil
 
 PR_SET_PDEATHSIG = 1
 
 
-def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
-    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux only).
-
-    Meant for a ``preexec_fn``: a child started by an agent dies with the agent even when the agent
-    is killed with SIGKILL and gets no chance to clean up.
-    """
-    name = ctypes.util.find_library("c")
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    name = ctypes.util.find_library("c")  # runs ldconfig: never call this after a fork
     if not name:
-        return
-    libc = ctypes.CDLL(name, use_errno=True)
-    prctl = getattr(libc, "prctl", None)
-    if prctl is not None:
-        prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        return None
+    func: Callable[..., int] | None = getattr(ctypes.CDLL(name, use_errno=True), "prctl", None)
+    return func
+
+
+def parent_death_preexec(sig: int = signal.SIGKILL) -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the child get ``sig`` when its parent dies (Linux only).
+
+    A child started by an agent then dies with the agent even when the agent is killed with
+    SIGKILL and gets no chance to clean up. libc is looked up now, before the fork. The race
+    of a parent dying between fork and prctl is closed by checking, after prctl, that the
+    parent is still the one that forked us; if not, the child exits at once.
+    """
+    prctl = _prctl()
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 def group_alive(pgid: int) -> bool:

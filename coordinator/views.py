@@ -102,7 +102,7 @@ def task_view(settings: Settings, task_id: str) -> TaskView:
     if is_valid_name(task_id) and spool.layout.envelope_path(task_id).exists():
         envelope = spool.read_envelope(task_id)
         loc = spool.locate(task_id)
-        attempts = spool.attempts(task_id, loc.attempt if loc.claim else None)
+        attempts = spool.attempts_at(task_id, loc)
         view = TaskView(
             id=task_id,
             state=loc.state,

@@ -299,7 +299,7 @@ class Agent:
     def _record_from_spool(self, claim: ClaimName) -> None:
         with contextlib.suppress(CoordinatorError):
             loc = self.spool.locate(claim.task_id)
-            records = self.spool.attempts(claim.task_id, loc.attempt if loc.claim else None)
+            records = self.spool.attempts_at(claim.task_id, loc)
             for record in records:
                 if record.number == claim.attempt:
                     reason = record.reason if loc.state is TaskState.FAILED else None

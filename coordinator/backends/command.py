@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from coordinator.backends.base import ChildProcess, Chunk, InferenceRequest, ModelBackend
 from coordinator.errors import BackendError, BackendTimeout, BackendUnavailable
-from coordinator.proc import process_start_time, set_parent_death_signal
+from coordinator.proc import parent_death_preexec, process_start_time
 
 STDERR_TAIL = 2000
 
@@ -72,7 +72,7 @@ class CommandBackend(ModelBackend):
                 env=env,
                 cwd=opts.cwd,
                 start_new_session=True,  # its own process group: killed whole
-                preexec_fn=set_parent_death_signal,  # dies with the agent, even on SIGKILL
+                preexec_fn=parent_death_preexec(),  # dies with the agent, even on SIGKILL
             )
         except OSError as exc:
             raise BackendUnavailable(f"cannot start {argv[0]!r}: {exc.strerror}") from exc

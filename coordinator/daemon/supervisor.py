@@ -24,7 +24,7 @@ from coordinator.agent.process import new_agent_id
 from coordinator.config import Settings
 from coordinator.daemon import sdnotify
 from coordinator.models import AgentSpec
-from coordinator.proc import set_parent_death_signal
+from coordinator.proc import parent_death_preexec
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,6 @@ class Slot:
             "restarts": self.restarts,
             "last_exit": self.last_exit,
         }
-
-
-def _preexec() -> None:
-    # An agent whose daemon dies gets SIGTERM and gives its claims back: no agent is ever left
-    # running unsupervised (a restarted daemon also stops leftovers it finds).
-    set_parent_death_signal(signal.SIGTERM)
 
 
 class Supervisor:
@@ -108,7 +102,9 @@ class Supervisor:
                 stdin=asyncio.subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,  # its own group, so a stalled agent is killed whole
-                preexec_fn=_preexec,
+                # An agent whose daemon dies gets SIGTERM and gives its claims back: no agent
+                # is left running unsupervised (a restarted daemon also stops leftovers).
+                preexec_fn=parent_death_preexec(signal.SIGTERM),
             )
         except OSError as exc:
             log.error("cannot start agent for spec %s: %s", slot.spec.name, exc)

@@ -131,8 +131,32 @@ class FileSpool:
         raise SpoolError(f"task {task_id!r} has no token in the spool (it is being moved?)")
 
     def attempts(self, task_id: str, current: int | None = None) -> list[AttemptRecord]:
+        """The task's attempts; ``current`` is the attempt holding the claim now, if any."""
         events = alog.read_events(self.layout.attempts_log(task_id))
         return alog.fold_attempts(events, current)[0]
+
+    def attempts_at(self, task_id: str, loc: Location) -> list[AttemptRecord]:
+        """The attempts of the task at ``loc``, consistent with where its token is.
+
+        The attempt that holds the claim is running; the attempt a terminal token names ended
+        that way even if its end record was lost (its writer died right after the rename).
+        """
+        records = self.attempts(task_id, loc.attempt if loc.claim else None)
+        settled = {
+            TaskState.DONE: AttemptOutcome.DONE,
+            TaskState.FAILED: AttemptOutcome.FAILED,
+            TaskState.CANCELLED: AttemptOutcome.CANCELLED,
+        }.get(loc.state)
+        for record in records:
+            if (
+                settled is not None
+                and record.number == loc.attempt
+                and record.outcome is AttemptOutcome.CRASHED
+                and record.ended_at is None
+            ):
+                record.outcome = settled
+                record.reason = None
+        return records
 
     def read_result(self, task_id: str, attempt: int) -> dict[str, Any] | None:
         try:

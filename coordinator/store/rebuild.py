@@ -97,7 +97,7 @@ def _rebuild_task(store: Store, spool: FileSpool, task_id: str) -> int | None:
         return None
     envelope, location = found
     current = location.attempt if location.state is TaskState.CLAIMED else None
-    attempts = spool.attempts(task_id, current)
+    attempts = spool.attempts_at(task_id, location)
     if location.claim is not None and all(r.number != current for r in attempts):
         # The claim is there but its start record is not logged yet: an attempt under way.
         attempts.append(AttemptRecord(number=location.attempt, agent=location.claim.agent_id))

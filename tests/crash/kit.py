@@ -11,12 +11,13 @@
 
   (a) A's end record was logged before B's start record (the holder ended it itself, or a reaper
       ended it before anyone claimed the task again), or
-  (b) A's holder is a process this test killed (or froze) *before B's start record was written*,
-      and that process is gone now; A's end record is then either the reaper's, with outcome
-      ``crashed`` or ``stalled``, or missing. A reaper renames the claim first and logs the end
-      record after it, so that record may legitimately trail B's start, and it is missing if the
-      reaper was killed between the two; the rename itself happens only after the reaper proved
-      the holder dead (or stopped it), which is what (b) checks from the outside.
+  (b) A's holder is a process this test killed, froze, or saw exit, at a time *before B's start
+      record was written*, and that process is gone now; A's end record is then either the
+      reaper's, with outcome ``crashed`` or ``stalled``, or missing. A reaper renames the claim
+      first and logs the end record after it, so that record may legitimately trail B's start,
+      and it is missing if the reaper was killed between the two; the rename itself happens only
+      after the reaper proved the holder dead (or stopped it), which is what (b) checks from the
+      outside.
 
   Any other order fails the check.
 """
@@ -232,8 +233,8 @@ def assert_done_once(
 ) -> dict[str, Any]:
     """Assert the module docstring's "done exactly once"; returns the result and the log.
 
-    ``dead`` maps each holder pid the test killed or froze to the time it did so (after which
-    that process did nothing more).
+    ``dead`` maps each holder pid the test killed, froze or saw exit to the time it did so
+    (after which that process did nothing more).
     """
     dead = dead or {}
     spool = home.spool

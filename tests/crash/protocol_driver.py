@@ -190,8 +190,14 @@ def run_intake(settings: Settings, nth: int, cp: Checkpoints) -> None:
     store = Store(settings.db_file)
     intake = Intake(settings, spool, store)
     intake.start()
+    handled = 0
+    deadline = time.monotonic() + 60
     try:
-        handled = intake.process()
+        # As the daemon's intake loop does: files dropped just now are taken on a second look.
+        while intake.pending and time.monotonic() < deadline:
+            handled += intake.process()
+            if intake.pending:
+                time.sleep(0.1)
     finally:
         intake.close()
         store.close()

@@ -139,9 +139,13 @@ def test_agents_of_a_killed_daemon_give_their_tasks_back(tmp_path: Path) -> None
 
 
 def drop_burst(home: Home, count: int) -> list[str]:
+    """Task files dropped a while ago (as if waiting out a restart): intake, starting, takes
+    them all at once, in one batch."""
     ids = [f"burst-{i:03d}" for i in range(count)]
+    past = time.time() - 60
     for i, task_id in enumerate(ids):
-        home.drop(f"{task_id}.toml", f'prompt = "burst task {i}"\npriority = {i % 7}\n')
+        path = home.drop(f"{task_id}.toml", f'prompt = "burst task {i}"\npriority = {i % 7}\n')
+        os.utime(path, (past, past))
     return ids
 
 

@@ -254,9 +254,9 @@ def test_run_exit_when_idle_drains_then_exits_0(make_home: HomeFactory) -> None:
     for i in range(8):
         home.drop(f"batch{i}.toml", f'prompt = "item {i}"\npriority = {i % 3}\n')
     daemon = home.start_daemon("--exit-when-idle")
-    assert daemon.wait(timeout=90) == 0
-    for i in range(8):
-        assert home.state(f"batch{i}") is TaskState.DONE
+    assert daemon.wait(timeout=90) == 0, home.log_text()[-4000:]
+    states = {f"batch{i}": home.state(f"batch{i}") for i in range(8)}
+    assert set(states.values()) == {TaskState.DONE}, (states, home.log_text()[-4000:])
     assert list(home.tasks.iterdir()) == []
     report = fleet_status(home.settings)
     assert report["daemon"]["running"] is False
@@ -269,5 +269,5 @@ def test_run_exit_when_idle_with_nothing_to_do_exits_0(make_home: HomeFactory) -
     home = make_home()
     home.echo_spec("echo")
     daemon = home.start_daemon("--exit-when-idle")
-    assert daemon.wait(timeout=60) == 0
+    assert daemon.wait(timeout=60) == 0, home.log_text()[-4000:]
     assert home.cli("status").returncode == 3

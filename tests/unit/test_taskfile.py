@@ -162,10 +162,16 @@ def test_nesting_up_to_the_limit_is_accepted_and_storable() -> None:
 
 
 def test_every_accepted_value_survives_the_envelope() -> None:
-    # TOML types that JSON lacks (datetimes, inf, nan) must not break writing the envelope
-    # (they come back as JSON has them: a string, null).
-    _envelope_roundtrip(b'prompt = "x"\ntimeout = inf\n[options]\nwhen = 1979-05-27T07:32:00Z\n'
+    # TOML types that JSON lacks (datetimes, nan) in free-form options must not break writing
+    # the envelope (they come back as JSON has them: a string, null).
+    _envelope_roundtrip(b'prompt = "x"\n[options]\nwhen = 1979-05-27T07:32:00Z\n'
                         b"big = 123456789012345678901234567890\nnan = nan\n", "odd.toml")
+
+
+def test_a_non_finite_timeout_is_refused() -> None:
+    # inf would be written to task.json as null and silently become "no timeout".
+    with pytest.raises(TaskFileError, match="timeout"):
+        parse_task("inf.toml", b'prompt = "x"\ntimeout = inf\n')
 
 
 def test_render_task_round_trips() -> None:
