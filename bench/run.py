@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             if not args.keep:
                 for path in work.iterdir():
                     if "latency" not in path.name:
-                        shutil.rmtree(path, ignore_errors=True)
+                        remove(path)
         report[size_name] = {
             "n": count,
             "ours": median_by([r["drain"] | {"_run": r} for r in runs["ours"]], "rate")["_run"],
@@ -132,6 +133,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     report["load_average_1min"] = LOAD
     report["goals"] = goals(report)
     return report
+
+
+def remove(path: Path) -> None:
+    """Delete a home; ``rm -rf`` is several times faster than shutil on 700k inodes."""
+    if subprocess.run(["rm", "-rf", str(path)], check=False).returncode != 0:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -295,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             log(f"kept {work}")
         else:
-            shutil.rmtree(work, ignore_errors=True)
+            remove(work)
 
 
 if __name__ == "__main__":
