@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from coordinator.errors import ConfigError
+from coordinator.errors import ConfigError, describe_validation
 
 ENV_PREFIX = "COORDINATOR_"
 CONFIG_FILENAME = "coordinator.toml"
@@ -127,9 +127,7 @@ def load_settings(
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
+        problems = describe_validation(exc)
         raise ConfigError(
             f"invalid configuration ({path} and {ENV_PREFIX}* variables): {problems}"
         ) from exc

@@ -8,6 +8,7 @@ error to its process exit code with :func:`exit_code_for` and nothing else.
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 
 class ExitCode(enum.IntEnum):
@@ -107,6 +108,13 @@ class BackendRejected(BackendError):
     """The model backend refused the request; retrying the same request will not help."""
 
     retryable = False
+
+
+def describe_validation(exc: Any) -> str:
+    """``loc: msg; loc: msg`` for a pydantic ``ValidationError`` (one line for a message)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+    )
 
 
 def exit_code_for(exc: BaseException) -> ExitCode:

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from coordinator.backends.base import validate_options
-from coordinator.errors import ConfigError
+from coordinator.errors import ConfigError, describe_validation
 from coordinator.models import AgentSpec, is_valid_name
 
 
@@ -29,9 +29,7 @@ def load_spec(path: Path) -> AgentSpec:
     try:
         spec = AgentSpec.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
+        problems = describe_validation(exc)
         raise ConfigError(f"{path}: invalid agent spec: {problems}") from exc
     try:
         validate_options(spec.backend, spec.backend_options)

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ValidationError
 
-from coordinator.errors import ConfigError
+from coordinator.errors import ConfigError, describe_validation
 
 ENTRY_POINT_GROUP = "coordinator.backends"
 
@@ -89,9 +89,7 @@ def validate_options(name: str, options: dict[str, Any]) -> BaseModel:
     try:
         return cls.options_model.model_validate(options)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
+        problems = describe_validation(exc)
         raise ConfigError(f"invalid backend_options for {name}: {problems}") from exc
 
 
