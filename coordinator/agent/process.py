@@ -158,6 +158,10 @@ class Agent:
         ``stopping`` only once some attempt ended, so an agent whose attempts never end (a hung
         CLI) ignored SIGTERM, and one whose daemon was killed ran on unsupervised for ever.
         """
+        if not capacity.locked():
+            # A free slot: take it without racing two tasks (this runs once per claim).
+            await capacity.acquire()
+            return True
         acquirer = asyncio.create_task(capacity.acquire())
         stopper = asyncio.create_task(self.stopping.wait())
         await asyncio.wait({acquirer, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -325,9 +329,7 @@ class Agent:
                 self.running.pop(claim.task_id, None)
                 extra = {"task_id": claim.task_id, "attempt": claim.attempt,
                          "agent": self.agent_id}
-                if ok:
-                    log.info("task %s attempt %d: claimed -> done", claim.task_id,
-                             claim.attempt, extra=extra)
+                if ok:  # the spool logged "claimed -> done" when it fenced the claim
                     self.recorder.attempt(claim.task_id, AttemptRecord(
                         number=claim.attempt, agent=self.agent_id, pid=os.getpid(),
                         started_at=result["started_at"], ended_at=result["ended_at"],

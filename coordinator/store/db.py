@@ -89,6 +89,14 @@ class Store:
 
     @contextlib.contextmanager
     def _write(self, what: str) -> Iterator[Any]:
+        with translated(what, self.path):
+            nested = self._db.conn.in_transaction  # a closed connection raises here, translated
+        if nested:
+            # Inside the caller's batch: no savepoint per record (it cost a random name and two
+            # statements each on the agents' hot path). A failing record fails the whole batch.
+            with translated(what, self.path):
+                yield self._db
+            return
         with translated(what, self.path), immediate(self._db) as db:
             yield db
 
