@@ -89,6 +89,26 @@ class Intake:
         )
         self.rescan(initial=True)
 
+    def run(self, stop: threading.Event) -> None:
+        """The intake loop, in a thread of its own until ``stop`` is set.
+
+        It blocks on the watcher's wake-up directly: one hand-off between a file landing in
+        tasks.d and its examination (a loop on asyncio.to_thread made three).
+        """
+        last_rescan = time.monotonic()
+        while not stop.is_set():
+            woke = self.wakeup.wait(self.settings.rescan_interval)
+            self.wakeup.clear()
+            if stop.is_set():
+                return
+            if not woke or time.monotonic() - last_rescan >= self.settings.rescan_interval:
+                self.rescan()
+                last_rescan = time.monotonic()
+            try:
+                self.process()
+            except Exception:
+                log.exception("intake pass failed; will retry")
+
     def close(self) -> None:
         if self._watcher is not None:
             self._watcher.close()

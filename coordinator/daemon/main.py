@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -98,10 +99,14 @@ class Daemon:
         await self._reap_once(reaper)
         intake = Intake(self.settings, self.spool, store, known_specs=set(fleet))
         intake.start()
+        stop_intake = threading.Event()
+        intake_thread = threading.Thread(
+            target=intake.run, args=(stop_intake,), name="intake", daemon=True
+        )
+        intake_thread.start()
         supervisor = Supervisor(self.settings, fleet, settings_file, on_exit=self._reap_now.set)
         tasks = [
             asyncio.create_task(supervisor.run()),
-            asyncio.create_task(self._intake_loop(intake)),
             asyncio.create_task(self._reap_loop(reaper)),
             asyncio.create_task(self._report_loop(supervisor, intake)),
         ]
@@ -116,6 +121,9 @@ class Daemon:
         log.info("daemon stopping: intake closed, agents get %.0fs to finish",
                  self.settings.shutdown_grace)
         sdnotify.stopping()
+        stop_intake.set()
+        intake.wakeup.set()
+        await asyncio.to_thread(intake_thread.join)  # lets a pass under way finish its batch
         intake.close()
         # Agents get shutdown_grace to finish, then stop their children (up to their kill
         # grace) and give back what is left; only after that margin are they killed.
@@ -142,19 +150,6 @@ class Daemon:
                             probe.pid)
                 kill_group(probe.pid, self.settings.kill_grace,
                            leader_start=probe.info.get("create_time"))
-
-    async def _intake_loop(self, intake: Intake) -> None:
-        last_rescan = time.monotonic()
-        while True:
-            woke = await asyncio.to_thread(intake.wakeup.wait, self.settings.rescan_interval)
-            intake.wakeup.clear()
-            if not woke or time.monotonic() - last_rescan >= self.settings.rescan_interval:
-                intake.rescan()
-                last_rescan = time.monotonic()
-            try:
-                await asyncio.to_thread(intake.process)
-            except Exception:
-                log.exception("intake pass failed; will retry")
 
     async def _reap_loop(self, reaper: Reaper) -> None:
         while True:
