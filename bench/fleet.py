@@ -206,7 +206,11 @@ def intake_and_drain(root: Path, count: int, *, agents: int = 2, concurrency: in
             "daemon_cpu_seconds": cpu_seconds(daemon.pid),  # includes its start-up
         }
         if queued != count:
-            raise RuntimeError(f"intake queued {queued} of {count}; see {home.root}")
+            rejected = sorted(n for n in os.listdir(home.spool / "rejected")
+                              if n.endswith(".reason"))
+            first = (home.spool / "rejected" / rejected[0]).read_text() if rejected else ""
+            raise RuntimeError(f"intake queued {queued} of {count}, rejected {len(rejected)} "
+                               f"(first reason: {first.strip()!r}); see {home.root}")
         time.sleep(1.0)  # let the database writes of the last batches land
         out["daemon_rss_pending"] = max(sampler.sample("daemon") for _ in range(5))
         out["drain"] = _drain(home, spec, agents, sampler, procs, count, profile,
