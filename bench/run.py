@@ -202,7 +202,8 @@ def table(report: dict[str, Any]) -> str:
     loads = [load for _, load in report.get("load_average_1min", [])]
     if loads:
         lines.append(f"1-minute load average at section starts: {min(loads):.2f} .. "
-                     f"{max(loads):.2f} (above {m['nproc']} means other work shared the CPUs)")
+                     f"{max(loads):.2f} (the benchmark's own processes add up to ~3 while they "
+                     f"drain; more means other work shared the {m['nproc']} CPUs)")
     sizes = [s for s in ("small", "large") if s in report]
     if sizes:
         head = "".join(f"{report[s]['n']:>14,}" for s in sizes)
