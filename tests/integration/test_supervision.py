@@ -13,12 +13,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 from coordinator.states import TaskState
 from coordinator.views import fleet_status
-from tests.support import Home, wait_until
+from tests.support import Home, gone, group_members, wait_until
 
 PY = sys.executable
 
@@ -40,21 +39,6 @@ def make_home(tmp_path: Path) -> Iterator[HomeFactory]:
         home.stop_all()
 
 
-def gone(pid: int) -> bool:
-    """True once ``pid`` has exited (an unreaped zombie has exited too)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def group_members(pgid: int) -> list[int]:
-    members = []
-    for proc in psutil.process_iter(["pid"]):
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc.pid)
-    return members
 
 
 def slot(home: Home, spec: str, index: int = 0) -> dict[str, Any] | None:

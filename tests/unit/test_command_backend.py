@@ -19,7 +19,7 @@ import pytest
 from coordinator.backends.base import ChildProcess, Chunk, InferenceRequest, create_backend
 from coordinator.backends.command import CommandBackend, _Utf8Stream
 from coordinator.errors import BackendError, BackendTimeout, BackendUnavailable
-from tests.support import wait_until
+from tests.support import gone, group_members, wait_until
 
 PY = sys.executable
 
@@ -70,21 +70,6 @@ def text_of(chunks: list[Chunk]) -> str:
     return "".join(c.text for c in chunks)
 
 
-def gone(pid: int) -> bool:
-    """True once ``pid`` has exited (a zombie waiting for an absent reaper counts as exited)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def group_members(pgid: int) -> list[int]:
-    members = []
-    for proc in psutil.process_iter(["pid"]):
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc.pid)
-    return members
 
 
 def parse_pids(text: str) -> tuple[int, int, int, int]:
