@@ -242,19 +242,18 @@ class Agent:
                 await self.pipeline.run(ctx, self.layout.partial_path(tid, n))
         except asyncio.CancelledError:
             self.running.pop(tid, None)
-            await self._end_cancelled(claim, started)
+            await self._end_cancelled(claim)
             raise
         except TimeoutError:
-            self._end(claim, AttemptOutcome.TIMEOUT, f"task timeout of {task.timeout}s passed",
-                      started)
+            self._end(claim, AttemptOutcome.TIMEOUT, f"task timeout of {task.timeout}s passed")
         except BackendError as exc:
             outcome = AttemptOutcome.FAILED
-            self._end(claim, outcome, exc.message, started, final=not exc.retryable)
+            self._end(claim, outcome, exc.message, final=not exc.retryable)
         except CoordinatorError as exc:
-            self._end(claim, AttemptOutcome.FAILED, exc.message, started)
+            self._end(claim, AttemptOutcome.FAILED, exc.message)
         except Exception as exc:
             log.exception("task %s attempt %d: unexpected error", tid, n, extra=extra)
-            self._end(claim, AttemptOutcome.FAILED, f"{type(exc).__name__}: {exc}", started)
+            self._end(claim, AttemptOutcome.FAILED, f"{type(exc).__name__}: {exc}")
         else:
             result = {
                 "task_id": tid,
@@ -270,10 +269,10 @@ class Agent:
             return
         self.running.pop(tid, None)
 
-    async def _end_cancelled(self, claim: ClaimName, started: float) -> None:
+    async def _end_cancelled(self, claim: ClaimName) -> None:
         if self.spool.holds(claim):
             # Shutdown, not an operator cancel: give the task back for another agent.
-            self._end(claim, AttemptOutcome.RELEASED, "agent shut down before finishing", started)
+            self._end(claim, AttemptOutcome.RELEASED, "agent shut down before finishing")
         else:
             log.info("task %s attempt %d: claim gone, work stopped", claim.task_id, claim.attempt,
                      extra={"task_id": claim.task_id, "attempt": claim.attempt})
@@ -284,7 +283,6 @@ class Agent:
         claim: ClaimName,
         outcome: AttemptOutcome,
         reason: str,
-        started: float,
         *,
         final: bool = False,
     ) -> None:
